@@ -20,7 +20,8 @@ from shared.settings import Settings
 def _age_s(when: datetime | None) -> float | None:
     if when is None:
         return None
-    return round((datetime.now(UTC).replace(tzinfo=None) - when).total_seconds(), 1)
+    when = when if when.tzinfo else when.replace(tzinfo=UTC)
+    return round((datetime.now(UTC) - when).total_seconds(), 1)
 
 
 def collect_status(settings: Settings, conn: redis.Redis) -> dict[str, Any]:

@@ -30,14 +30,18 @@ def _ref(job: Job) -> LeaseRef:
     return LeaseRef(user=job.meta["user"], session_id=job.meta["session_id"], job_id=job.id)
 
 
+def _aware(when: datetime) -> datetime:
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
 def _ms_between(start: datetime | None, end: datetime | None) -> int | None:
     if start is None or end is None:
         return None
-    return int((end - start).total_seconds() * 1000)
+    return int((_aware(end) - _aware(start)).total_seconds() * 1000)
 
 
 def _utcnow() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
+    return datetime.now(UTC)
 
 
 def _horse_dies_with_worker() -> None:
@@ -59,7 +63,7 @@ def run_ask(user: str, session_id: str, message: str) -> dict[str, Any]:
     _horse_dies_with_worker()
     if conn.exists(keys.tombstone(job.id)):
         fail(job, JobFailed("canceled", "canceled at your request before it started"))
-    waited_s = (_utcnow() - job.enqueued_at).total_seconds() if job.enqueued_at else 0.0
+    waited_s = (_ms_between(job.enqueued_at, _utcnow()) or 0) / 1000
     if waited_s > settings.queue_ttl_s:
         fail(job, JobFailed("expired", f"your question waited more than {settings.queue_ttl_s} s in the queue; "
                                        "please ask again"))
