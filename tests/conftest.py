@@ -59,7 +59,7 @@ def make_settings(tmp_path: Path, redis_url: str) -> SettingsFactory:
             "lease_ttl_s": 6,
         }
         values.update(overrides)
-        return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+        return Settings(_env_file=None, **values)
 
     return factory
 
