@@ -11,7 +11,7 @@ import redis
 from fastapi.testclient import TestClient
 
 from api.main import create_app
-from shared.settings import Settings
+from shared.settings import DEFAULT_ENV_PASSTHROUGH, Settings
 from tests.support import FAKE_CLAUDE, REDIS_URL, SECRET, Proc, make_cookie, start_api, start_worker
 
 SettingsFactory = Callable[..., Settings]
@@ -57,6 +57,8 @@ def make_settings(tmp_path: Path, redis_url: str) -> SettingsFactory:
             "maintenance_interval_s": 1,
             "job_monitoring_interval_s": 1,
             "lease_ttl_s": 6,
+            # the test hooks of tests/fake_claude.py must cross the worker's minimal environment
+            "claude_env_passthrough": [*DEFAULT_ENV_PASSTHROUGH, "FAKE_CLAUDE_PIDFILE_DIR", "FAKE_CLAUDE_LOG"],
         }
         values.update(overrides)
         return Settings(_env_file=None, **values)

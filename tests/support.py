@@ -179,3 +179,18 @@ def audit_lines(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def cookie_headers(cookies: dict[str, str], **headers: str) -> dict[str, str]:
+    """Cookies sent as a `Cookie` header (httpx deprecates per-request `cookies=`), plus any other headers."""
+    return {"Cookie": "; ".join(f"{name}={value}" for name, value in cookies.items()), **headers}
+
+
+def redis_ms(conn: redis.Redis) -> int:
+    """Redis's own clock (`TIME`) in ms: the clock the admission scripts use."""
+    seconds, micros = conn.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def agent_keys(conn: redis.Redis, prefix: str = "agent:") -> set[str]:
+    return {key.decode() for key in conn.scan_iter(f"{prefix}*")}

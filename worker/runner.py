@@ -63,6 +63,11 @@ class AgentWorker(Worker):
     def __init__(self, *args: Any, settings: Settings, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.agent_settings = settings
+        self.stop_asked = False
+
+    def request_stop(self, signum: Any, frame: Any) -> None:
+        self.stop_asked = True  # RQ raises StopRequested when idle without recording that a stop was asked
+        super().request_stop(signum, frame)  # type: ignore[no-untyped-call]
 
     def run_maintenance_tasks(self) -> None:
         super().run_maintenance_tasks()  # type: ignore[no-untyped-call]
@@ -110,7 +115,7 @@ def run_worker(settings: Settings, name: str | None = None, burst: bool = False)
             worker.work(burst=burst, with_scheduler=False, logging_level="INFO")
         except redis.RedisError as exc:
             log.warning("worker %s: redis error %s", worker.name, exc)
-        if burst or worker._stop_requested:
+        if burst or worker.stop_asked:
             return 0
         log.warning("worker %s left its loop; restarting in %.1f s", worker.name, delay_s)
         time.sleep(delay_s)
