@@ -83,7 +83,8 @@ class IntrospectAuth:
         if cached:
             return cached.decode() if isinstance(cached, bytes) else str(cached)
         try:
-            reply = await self.client.get(s.auth_url, cookies={s.cookie_name: cookie}, timeout=s.auth_timeout_s)
+            reply = await self.client.get(s.auth_url, headers={"Cookie": f"{s.cookie_name}={cookie}"},
+                                          timeout=s.auth_timeout_s)
         except httpx.HTTPError as exc:
             log.warning("issuer %s unreachable: %s", s.auth_url, exc)
             raise AuthUnavailable("the sign-in service is not answering; try again shortly", retry_after_s=5) from None

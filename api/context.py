@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import httpx
 import redis.asyncio as aioredis
@@ -33,7 +34,9 @@ class AppContext:
     def open(cls, settings: Settings) -> AppContext:
         client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
         rq_client = SyncRedis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
-        http = httpx.AsyncClient(follow_redirects=False)
+        # A jar that keeps nothing: the client is shared by every user, so an issuer's Set-Cookie for one
+        # user must never ride along with the next user's introspection.
+        http = httpx.AsyncClient(follow_redirects=False, cookies=CookieJar(DefaultCookiePolicy(allowed_domains=[])))
         return cls(
             settings=settings,
             redis=client,

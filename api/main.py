@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from fastapi.responses import FileResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
-from api import errors
+from api import dashboard, errors
 from api.context import AppContext
 from api.routes import agent, jobs
 from shared.models import ErrorBody
@@ -43,6 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.include_router(agent.router)
     app.include_router(jobs.router)
+    app.include_router(dashboard.router(settings))
 
     @app.get("/agent", include_in_schema=False)
     async def _slash() -> RedirectResponse:

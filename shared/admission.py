@@ -52,6 +52,8 @@ redis.call('PEXPIRE', KEYS[2], math.max(1, tonumber(last[2]) - now))
 redis.call('SET', KEYS[3], job, 'PX', lease_ttl)
 redis.call('SET', KEYS[4], user, 'PX', ARGV[8])
 redis.call('ZADD', KEYS[6], now + tonumber(ARGV[9]), ARGV[10])
+local due = redis.call('ZRANGE', KEYS[6], -1, -1, 'WITHSCORES')
+redis.call('PEXPIRE', KEYS[6], math.max(1, tonumber(due[2]) - now + lease_ttl))
 return {'ok', tostring(now), redis.call('LLEN', KEYS[5])}
 """
 

@@ -119,7 +119,8 @@ ALIASES = {
 
 
 def now_iso() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{datetime.now(UTC).microsecond // 1000:03d}Z"
+    now = datetime.now(UTC)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
 
 
 def new_uuid() -> str:
@@ -344,7 +345,7 @@ class Transcript:
                 if not isinstance(line, dict):
                     continue
                 kind = line.get("type")
-                if kind == "cost-state" and isinstance(line.get("totalCostUSD"), int | float):
+                if kind == "cost-state" and isinstance(line.get("totalCostUSD"), (int, float)):
                     self.total_cost = float(line["totalCostUSD"])
                 if kind == "user" and isinstance(line.get("message", {}).get("content"), str):
                     if not line.get("isMeta"):
@@ -673,6 +674,9 @@ class Run:
             "api_error_status": None,
         }
         obj.update(fields)
+        if obj["subtype"] != "success":  # error_max_turns & co. carry `errors`, no `result`/`api_error_status`
+            obj.pop("api_error_status", None)
+            obj.pop("result", None)
         obj.update({"type": "result", "duration_ms": duration, "uuid": new_uuid()})
         if self.fmt == "stream-json":
             self.emit(obj)
@@ -787,7 +791,6 @@ class Run:
                         "num_turns": 2,
                         "subtype": "error_max_turns",
                         "errors": [f"Reached maximum number of turns ({self.max_turns()})"],
-                        "api_error_status": None,
                     },
                     1,
                     1,

@@ -44,7 +44,7 @@ def test_two_turns_second_resumes_and_history_has_both(
         ("user", "My name is Alice."), ("assistant", "FAKE REPLY #1 to: My name is Alice."),
         ("user", "What is my name?"), ("assistant", "FAKE REPLY #2 to: What is my name?"),
     ]
-    for body, start in ((first, "--session-id"), (second, "--resume")):
+    for body in (first, second):
         assert terminal_events(settings.audit_log, body["job_id"]) == ["ask_ok"]
         started = [a for a in audit_lines(settings.audit_log)
                    if a["event"] == "ask_start" and a["job_id"] == body["job_id"]]
@@ -238,7 +238,7 @@ def test_keyspace_after_finished_failed_and_canceled_jobs(
     running = alice_client.ask(session, "[[hang]]")
     wait_until(lambda: claude_pids(pid_dir), 10, what="claude to start")
     assert alice_client.http.delete(f"/agent/jobs/{running}").json()["status"] == "canceled"
-    keys = {k.decode() for k in rconn.keys("agent:*")}
+    keys = {k.decode() for k in rconn.keys("agent:*") if isinstance(k, bytes)}
     assert keys == {
         "agent:rate:alice",
         f"agent:owner:{session}",
