@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,10 @@ from shared.settings import DEFAULT_ENV_PASSTHROUGH, Settings
 from tests.support import FAKE_CLAUDE, REDIS_URL, SECRET, Proc, make_cookie, start_api, start_worker
 
 SettingsFactory = Callable[..., Settings]
+
+# Settings are built explicitly by the tests: a developer's AGENT_* environment must not leak into them.
+for _name in [n for n in os.environ if n.startswith("AGENT_") and n != "AGENT_TEST_REDIS_URL"]:
+    del os.environ[_name]
 
 
 @pytest.fixture(scope="session")
