@@ -9,6 +9,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -249,3 +250,24 @@ def test_keyspace_after_finished_failed_and_canceled_jobs(
         assert ttl > 0, key
     assert rconn.pttl("agent:rate:alice") <= settings.rate_window_s * 1000
     assert rconn.zcard("agent:rate:alice") == 3
+
+
+def test_worker_refuses_functions_and_callbacks_not_on_the_allow_list(
+    stack: Stack, settings: Settings, rconn: redis.Redis, tmp_path: Path, procs: list[Proc]
+) -> None:
+    from rq import Queue
+    from rq.callbacks import Callback
+    from rq.serializers import JSONSerializer
+
+    stack(workers=1)
+    marker = tmp_path / "pwned"
+    queue = Queue(settings.queue, connection=rconn, serializer=JSONSerializer)
+    evil = queue.enqueue("os.system", f"touch {marker}")
+    sneaky = queue.enqueue("worker.jobs.run_ask", kwargs={"user": "x", "session_id": "y", "message": "z"},
+                           meta={"user": "x", "session_id": "y"}, on_failure=Callback("os.system"))
+    for job in (evil, sneaky):
+        wait_until(partial(lambda j: j.get_status() == "failed", job), 15, what=f"{job.func_name} to be refused")
+    time.sleep(0.5)
+    assert not marker.exists(), "a function off the allow-list ran"
+    assert procs[1].alive(), "the worker survives refusing a job"
+    assert "is not allowed" in (evil.latest_result().exc_string or "")  # type: ignore[union-attr]
