@@ -134,11 +134,11 @@ def build_flask_app(settings: Settings) -> Flask:
     # Rooted at rq_dashboard's package so its templates' url_for('static') serves rq_dashboard/static.
     app = Flask(web.__name__.rpartition(".")[0])
     app.config.update(
-        RQ_DASHBOARD_REDIS_URL=(settings.redis_url,),
+        RQ_DASHBOARD_REDIS_URL=(settings.dashboard_redis_url or settings.redis_url,),
         RQ_DASHBOARD_DISABLE_DELETE=True,  # hides the delete buttons; the allow-list is what refuses
     )
     app.redis_conn = Redis.from_url(  # type: ignore[attr-defined]
-        settings.redis_url, socket_timeout=5, socket_connect_timeout=2
+        settings.dashboard_redis_url or settings.redis_url, socket_timeout=5, socket_connect_timeout=2
     )
 
     @app.before_request

@@ -66,6 +66,7 @@ class Settings(BaseSettings):
     dev_user: str = "dev"
     allowed_origins: CsvList = []
     admin_users: CsvList = []
+    dashboard_redis_url: str = Field("", description="a read-only Redis user for /agent/rq/ (default: redis_url)")
 
     # Admission
     rate_max: int = Field(60, ge=1)
