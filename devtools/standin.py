@@ -11,7 +11,8 @@ Reply modes (``set_mode`` for all later requests, ``push`` for the next request 
 - ``text``: a streamed text reply, by default ``STUB REPLY #n (request had k messages). You said: <prompt>``.
   When the last user message carries a ``tool_result``, the reply quotes it: ``Tool said: "<content>"``.
 - ``error``: an error status (500, 529, 401, 429, ...) with the Messages API error body and
-  ``x-should-retry: false``; ``midstream=True`` sends a 200 stream that fails after ``message_start``.
+  ``x-should-retry: false``; ``midstream=True`` sends a 200 stream that fails after ``message_start`` (a
+  non-streaming request still gets the error status).
 - ``slow``: like ``text`` but waits ``delay`` seconds before answering and ``delay_within`` seconds before
   each text delta.
 - ``tool_use``: a ``tool_use`` block (default ``Bash`` running ``echo hello``) streamed with ``input_json_delta``
@@ -294,7 +295,7 @@ class _Handler(BaseHTTPRequestHandler):
         standin = self.server.standin
         if reply.delay > 0 and standin._sleep(reply.delay):
             return
-        if reply.mode == "error" and not reply.midstream:
+        if reply.mode == "error" and not (reply.midstream and rec.streaming):
             status = reply.status
             extra = {} if reply.should_retry is None else {"x-should-retry": "true" if reply.should_retry else "false"}
             self._send_json(status, _error_payload(reply), extra)
@@ -508,6 +509,14 @@ class MessagesStandin:
         reply = _make_reply(mode, options)
         with self._lock:
             self._queue.append(reply)
+
+    def reset(self) -> None:
+        """Back to a fresh state: text mode, no queued replies, no recorded requests, reply counter at 0."""
+        with self._lock:
+            self._mode = Reply()
+            self._queue.clear()
+            self._requests.clear()
+            self._counter = 0
 
     def clear_queue(self) -> None:
         with self._lock:

@@ -550,8 +550,6 @@ class Run:
         if resume is not None:
             resume = str(resume)
             found = sorted(projects.glob(f"*/{resume}.jsonl")) if projects.is_dir() else []
-            if not found and projects.is_dir():  # ids match case-insensitively
-                found = sorted(p for p in projects.glob("*/*.jsonl") if p.stem.lower() == resume.lower())
             if not found:
                 fail(f"No conversation found with session ID: {resume}")
             path = here / found[0].name if (here / found[0].name).exists() else found[0]
