@@ -48,6 +48,7 @@ class AskResult(BaseModel):
     duration_ms: int
     num_turns: int
     is_error: bool
+    denied_tools: list[str] = Field(default_factory=list, description="tools the agent asked for and was refused")
 
 
 class JobError(BaseModel):

@@ -255,10 +255,13 @@ def classify(run: Run, settings: Settings) -> dict[str, Any]:
         raise JobFailed("claude_error", (message or f"claude reported {subtype or 'an error'}")[:500])
     if not isinstance(res.get("result"), str):
         raise JobFailed("bad_output", "claude's result has no text")
+    denials = res.get("permission_denials")
+    denied = [str(d.get("tool_name")) for d in denials if isinstance(d, dict)] if isinstance(denials, list) else []
     return {
         "result": res["result"],
         "session_id": str(res.get("session_id") or ""),
         "duration_ms": int(res.get("duration_ms") or 0),
         "num_turns": int(res.get("num_turns") or 0),
         "is_error": False,
+        "denied_tools": denied,
     }

@@ -116,7 +116,7 @@ def finished(job: Job, settings: Settings, result: dict[str, Any], started: date
         job.connection, Keys(settings.key_prefix), settings.failure_ttl_s, "ask_ok", job.id,
         user=ref.user, session_id=ref.session_id, worker=job.worker_name,
         queue_wait_ms=_ms_between(job.enqueued_at, started), run_ms=_ms_between(started, _utcnow()),
-        turns=result["num_turns"], subprocess_ms=result["duration_ms"],
+        turns=result["num_turns"], subprocess_ms=result["duration_ms"], denied_tools=result["denied_tools"],
         result_preview=preview(result["result"], RESULT_PREVIEW_CHARS), result_len=len(result["result"]),
     )
 
