@@ -14,28 +14,33 @@ from typing import Any
 MAX_DIR_NAME = 200
 
 
+def _java_hash_b36(text: str) -> str:
+    """abs(Java's String.hashCode over UTF-16 units) in base 36: the CLI's suffix for long names."""
+    h = 0
+    data = text.encode("utf-16-le", "surrogatepass")
+    for i in range(0, len(data), 2):
+        h = (h * 31 + int.from_bytes(data[i : i + 2], "little")) & 0xFFFFFFFF
+    n = abs(h - 2**32 if h >= 2**31 else h)
+    digits = ""
+    while True:
+        n, r = divmod(n, 36)
+        digits = "0123456789abcdefghijklmnopqrstuvwxyz"[r] + digits
+        if n == 0:
+            return digits
+
+
 def encode_cwd(cwd: str) -> str:
-    """The CLI's directory name for a cwd (a character beyond the BMP is two UTF-16 units: two dashes)."""
-    out = []
-    for ch in cwd:
-        if ch.isascii() and ch.isalnum():
-            out.append(ch)
-        else:
-            out.append("-" * (2 if ord(ch) > 0xFFFF else 1))
-    return "".join(out)
+    """The CLI's directory name for a cwd: every UTF-16 unit outside [A-Za-z0-9] as '-' (so a character
+    beyond the BMP becomes two), cut at 200 characters plus '-' and a hash when longer."""
+    name = "".join(ch if ch.isascii() and ch.isalnum() else "-" * (2 if ord(ch) > 0xFFFF else 1) for ch in cwd)
+    if len(name) <= MAX_DIR_NAME:
+        return name
+    return f"{name[:MAX_DIR_NAME]}-{_java_hash_b36(cwd)}"
 
 
 def project_dir(config_dir: Path, cwd: Path) -> Path:
-    """The folder of the CLI's transcripts for sessions run in `cwd`.
-
-    Names longer than 200 characters get a hash suffix from the CLI; that folder is found by its prefix.
-    """
-    name = encode_cwd(str(cwd.resolve()))
-    projects = config_dir / "projects"
-    if len(name) <= MAX_DIR_NAME:
-        return projects / name
-    matches = sorted(projects.glob(f"{name[:MAX_DIR_NAME]}-*")) if projects.is_dir() else []
-    return matches[0] if matches else projects / name[:MAX_DIR_NAME]
+    """The folder of the CLI's transcripts for sessions run in `cwd` (its physical path)."""
+    return config_dir / "projects" / encode_cwd(str(cwd.resolve()))
 
 
 def transcript_path(config_dir: Path, cwd: Path, session_id: str) -> Path:
