@@ -49,6 +49,10 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:
+            # FastAPI's "error parsing the body" (not UTF-8): bad input like malformed JSON, so the same 422
+            return JSONResponse({"detail": "body: the request body is not valid JSON", "code": "invalid_request"},
+                                status_code=422)
         code = HTTP_CODES.get(exc.status_code, "http_error")
         return JSONResponse({"detail": str(exc.detail), "code": code}, status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))

@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import itsdangerous
@@ -194,3 +194,19 @@ def redis_ms(conn: redis.Redis) -> int:
 
 def agent_keys(conn: redis.Redis, prefix: str = "agent:") -> set[str]:
     return {key.decode() for key in conn.scan_iter(f"{prefix}*")}
+
+
+def zmembers(conn: redis.Redis, key: str) -> set[str]:
+    """The members of a sorted set, decoded."""
+    return {member.decode() for member in cast(list[bytes], conn.zrange(key, 0, -1))}
+
+
+def zfirst(conn: redis.Redis, key: str) -> tuple[str, float]:
+    """The lowest-scored member of a sorted set and its score."""
+    member, score = cast(list[tuple[bytes, float]], conn.zrange(key, 0, 0, withscores=True))[0]
+    return member.decode(), score
+
+
+def lmembers(conn: redis.Redis, key: str) -> list[str]:
+    """The items of a list, decoded, head first."""
+    return [item.decode() for item in cast(list[bytes], conn.lrange(key, 0, -1))]
