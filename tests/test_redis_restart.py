@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +11,7 @@ import redis
 
 from tests.conftest import SettingsFactory
 from tests.lifecycle import Client, assert_no_leftovers, claude_pids, terminal_events
-from tests.support import Proc, free_port, make_cookie, start_api, start_worker, wait_until
+from tests.support import Proc, free_port, make_cookie, redis_server_binary, start_api, start_worker, wait_until
 
 
 class OwnRedis:
@@ -28,8 +27,7 @@ class OwnRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        binary = shutil.which("redis-server")
-        assert binary, "redis-server is needed for this test (the test command installs it)"
+        binary = redis_server_binary()
         self.proc = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
              "--appendfsync", "always", "--dir", str(self.workdir)],

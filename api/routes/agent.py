@@ -45,11 +45,15 @@ async def new_session(ctx: ContextDep, user: CurrentUser) -> NewSession:
 
 
 async def claim_session(ctx: ContextDep, user: str, session_id: str) -> None:
-    """Check ownership; a session with no owner on record is claimed by its first user, atomically."""
-    previous = await ctx.redis.set(
-        ctx.keys.session_owner(session_id), user, nx=True, get=True, px=ctx.settings.session_owner_ttl_s * 1000
-    )
-    if previous is not None and (previous.decode() if isinstance(previous, bytes) else previous) != user:
+    """Check ownership; a session with no owner on record is claimed by its first user, atomically.
+
+    SET NX then GET in one MULTI, not `SET NX GET`: that needs Redis 7 and the embedded server is 6.2."""
+    key = ctx.keys.session_owner(session_id)
+    async with ctx.redis.pipeline(transaction=True) as pipe:
+        pipe.set(key, user, nx=True, px=ctx.settings.session_owner_ttl_s * 1000)
+        pipe.get(key)
+        _, owner = await pipe.execute()
+    if (owner.decode() if isinstance(owner, bytes) else owner) != user:
         raise NotFound("no such session")
 
 

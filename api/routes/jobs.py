@@ -63,9 +63,11 @@ async def ask(body: AskRequest, response: Response, ctx: ContextDep, user: Curre
         raise
     try:
         enqueue(ctx, ref, body.message)
-    except redis.RedisError:
-        await ctx.admission.release(ref, refund=True)
-        raise RedisUnavailable("the job store is unavailable; try again shortly", retry_after_s=5) from None
+    except Exception as exc:
+        await ctx.admission.release(ref, refund=True)  # nothing was queued: give the slot and the ask back
+        if isinstance(exc, redis.RedisError):
+            raise RedisUnavailable("the job store is unavailable; try again shortly", retry_after_s=5) from None
+        raise
     ctx.audit.write("enqueued", user=user, session_id=session_id, job_id=ref.job_id,
                     message=preview(body.message, MESSAGE_PREVIEW_CHARS), message_len=len(body.message),
                     position=position)
