@@ -123,6 +123,9 @@ class ClaudeRunner:
         self.on_progress = on_progress
         self.tmpdir = settings.claude_tmpdir or settings.claude_config_dir / "tmp"
         self.job_dir = self.tmpdir / "jobs" / job_id
+        # Wall time of this turn's CLI process(es), start-up included: the CLI's own `duration_ms` leaves out
+        # its start-up (measured with 2.1.332: duration_ms 110-330 ms for processes that lived 0.6-1.4 s).
+        self.wall_ms = 0
 
     def run_turn(self, session_id: str, message: str) -> dict[str, Any]:
         """Run the turn; return the result fields of the contract or raise JobFailed."""
@@ -147,6 +150,7 @@ class ClaudeRunner:
         s = self.settings
         s.claude_cwd.mkdir(parents=True, exist_ok=True)
         out_path, err_path = self.job_dir / "stdout", self.job_dir / "stderr"
+        started = time.monotonic()
         with out_path.open("wb") as out, err_path.open("wb") as err:
             proc = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=s.claude_cwd,
@@ -156,6 +160,7 @@ class ClaudeRunner:
             self._supervise(proc, out_path, deadline)
         finally:
             kill_group(proc)
+            self.wall_ms += int((time.monotonic() - started) * 1000)
         stdout = out_path.read_bytes()[: s.claude_output_max_bytes + 1]
         stderr = err_path.read_bytes()[-64 * 1024:]
         if len(stdout) > s.claude_output_max_bytes:

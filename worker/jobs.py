@@ -95,7 +95,7 @@ def run_ask(user: str, session_id: str, message: str) -> dict[str, Any]:
         result = runner.run_turn(session_id, message)
     except JobFailed as exc:
         fail(job, exc)
-    finished(job, settings, result, started)
+    finished(job, settings, result, started, runner.wall_ms)
     return result
 
 
@@ -109,14 +109,15 @@ def fail(job: Job, exc: JobFailed) -> Any:
     raise exc
 
 
-def finished(job: Job, settings: Settings, result: dict[str, Any], started: datetime) -> None:
+def finished(job: Job, settings: Settings, result: dict[str, Any], started: datetime, subprocess_ms: int) -> None:
     ref = _ref(job)
     SyncAdmission(settings, job.connection).release(ref)
     AuditLog(settings.audit_log).terminal(
         job.connection, Keys(settings.key_prefix), settings.failure_ttl_s, "ask_ok", job.id,
         user=ref.user, session_id=ref.session_id, worker=job.worker_name,
         queue_wait_ms=_ms_between(job.enqueued_at, started), run_ms=_ms_between(started, _utcnow()),
-        turns=result["num_turns"], subprocess_ms=result["duration_ms"], denied_tools=result["denied_tools"],
+        turns=result["num_turns"], subprocess_ms=subprocess_ms,
+        cli_duration_ms=result["duration_ms"], denied_tools=result["denied_tools"],
         result_preview=preview(result["result"], RESULT_PREVIEW_CHARS), result_len=len(result["result"]),
     )
 
