@@ -367,6 +367,7 @@ def test_api_error_fails_the_job_fast_with_the_clis_message_and_frees_the_lease(
     message = body["error"]["message"]
     assert all(fragment in message for fragment in says), message
     assert "Traceback" not in message and "exit 1" not in message
+    assert "127.0.0.1" not in message, "the gateway's internal address is not shown to users"
     assert len(e2e.standin.message_requests) == 1, "no retries (CLAUDE_CODE_MAX_RETRIES=0, x-should-retry: false)"
     assert terminal_events(e2e.settings.audit_log, body["job_id"]) == ["ask_error"]
     e2e.assert_clean(session)

@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -24,6 +25,8 @@ PR_SET_PDEATHSIG = 1
 STDERR_PREVIEW_CHARS = 300
 UNKNOWN_SESSION = "No conversation found with session ID"
 SESSION_IN_USE = "is already in use"
+# The CLI names the API gateway's address in some errors: users need not see internal hosts.
+GATEWAY_HINT = re.compile(r"\s*If it persists, check your inference gateway \([^)]*\)\.?")
 
 
 def die_with_parent() -> None:
@@ -257,7 +260,8 @@ def classify(run: Run, settings: Settings) -> dict[str, Any]:
         errors = res.get("errors")
         text = res.get("result") if isinstance(res.get("result"), str) else None
         message = text or ("; ".join(map(str, errors)) if isinstance(errors, list) and errors else None)
-        raise JobFailed("claude_error", (message or f"claude reported {subtype or 'an error'}")[:500])
+        message = GATEWAY_HINT.sub("", message or "") or f"claude reported {subtype or 'an error'}"
+        raise JobFailed("claude_error", message[:500])
     if not isinstance(res.get("result"), str):
         raise JobFailed("bad_output", "claude's result has no text")
     denials = res.get("permission_denials")
