@@ -17,7 +17,7 @@ from shared.settings import Settings
 from shared.transcript import transcript_path
 from tests.support import cookie_headers, make_cookie
 
-TRANSCRIPTS = Path("/work/shared/reference/claude-cli/transcripts")
+TRANSCRIPTS = Path(__file__).parent / "data" / "transcripts"  # recorded by the real CLI (shared/reference)
 K = Keys("agent:")
 
 
