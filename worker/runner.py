@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import time
 from typing import Any
 
@@ -104,17 +106,28 @@ def build_worker(settings: Settings, name: str | None = None) -> AgentWorker:
     )
 
 
+def _stop_before_start(signum: int, frame: Any) -> None:
+    raise SystemExit(0)
+
+
 def run_worker(settings: Settings, name: str | None = None, burst: bool = False) -> int:
     """Work until stopped (SIGTERM: finish the job in flight, then exit). RQ quits its loop on any Redis
     error; then this waits for Redis and starts a fresh worker under the same name, so systemd need not."""
     delay_s = 0.5
     while True:
+        # RQ installs its own handlers only after it has registered: a stop signal before then exits at once.
+        signal.signal(signal.SIGTERM, _stop_before_start)
+        signal.signal(signal.SIGINT, _stop_before_start)
         worker = build_worker(settings, name)
         log.info("worker %s on queue %s (job timeout %s s)", worker.name, settings.queue, settings.job_timeout_s)
         try:
             worker.work(burst=burst, with_scheduler=False, logging_level="INFO")
         except redis.RedisError as exc:
             log.warning("worker %s: redis error %s", worker.name, exc)
+        except SystemExit:
+            with contextlib.suppress(Exception):
+                worker.register_death()  # type: ignore[no-untyped-call]  # a stop may come after registering
+            raise
         if burst or worker.stop_asked:
             return 0
         log.warning("worker %s left its loop; restarting in %.1f s", worker.name, delay_s)
