@@ -1,4 +1,6 @@
-"""Named dependencies: the app context, the signed-in user, the same-origin guard."""
+"""Named dependencies: the app context, the signed-in user, the same-origin guard.
+
+All are `async def`: a plain `def` dependency costs a thread-pool hop per request (bench/RESULTS.md)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from api.context import AppContext
 from shared.errors import CrossOriginRefused
 
 
-def get_context(request: Request) -> AppContext:
+async def get_context(request: Request) -> AppContext:
     ctx: AppContext = request.app.state.ctx
     return ctx
 
@@ -25,7 +27,7 @@ async def current_user(request: Request, ctx: ContextDep) -> str:
 CurrentUser = Annotated[str, Depends(current_user)]
 
 
-def same_origin_or_allowed(request: Request, ctx: ContextDep) -> None:
+async def same_origin_or_allowed(request: Request, ctx: ContextDep) -> None:
     """Refuse a state-changing request that a browser sent from another site (403).
 
     The API's own scheme://host:port is always allowed (browsers send Origin on same-origin POSTs too).
