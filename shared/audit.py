@@ -1,7 +1,9 @@
 """The audit log: JSON lines shared by the API and every worker.
 
 Each line is written with one `os.write` on a descriptor opened with O_APPEND, so lines from many
-processes never interleave, and the file is reopened per line, so logrotate can move it freely.
+processes never interleave, and the file is reopened per line, so logrotate can move it freely. The
+writers also create the file after a rotation (logrotate's `nocreate`: a `create` step would race with
+them), always with mode 0640 whatever the process umask.
 Terminal events (one per job) are deduplicated in Redis because RQ can report an end twice.
 """
 
@@ -23,6 +25,7 @@ log = logging.getLogger("agent.audit")
 MESSAGE_PREVIEW_CHARS = 500
 RESULT_PREVIEW_CHARS = 300
 ERROR_PREVIEW_CHARS = 500
+FILE_MODE = 0o640
 TERMINAL_EVENTS = frozenset({"ask_ok", "ask_error", "canceled", "expired", "worker_lost"})
 
 
@@ -41,13 +44,26 @@ class AuditLog:
         line = (json.dumps(record, ensure_ascii=False, default=str) + "\n").encode()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            fd = self._open()
             try:
                 os.write(fd, line)
             finally:
                 os.close(fd)
         except OSError as exc:
             log.warning("audit log %s not writable (%s): %s", self.path, exc, line.decode().rstrip())
+
+    def _open(self) -> int:
+        flags = os.O_WRONLY | os.O_APPEND
+        try:
+            return os.open(self.path, flags)
+        except FileNotFoundError:
+            pass
+        try:
+            fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        except FileExistsError:  # another writer created it first
+            return os.open(self.path, flags)
+        os.fchmod(fd, FILE_MODE)  # the umask (0077 under the units) must not decide who may read it
+        return fd
 
     def terminal(self, client: redis.Redis, keys: Keys, ttl_s: int, event: str, job_id: str, **fields: Any) -> bool:
         """Write the job's one terminal line; False (and nothing written) when another path already did."""

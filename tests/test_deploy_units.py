@@ -270,7 +270,7 @@ def test_tmpfiles_creates_the_directories(systemd_tmpfiles: str, tmp_path: Path)
     done = run([systemd_tmpfiles, "--create", f"--root={root}", str(TMPFILES)])
     assert done.returncode == 0 and not (done.stdout + done.stderr).strip(), done.stdout + done.stderr
     expected = {
-        "var/log/overlord-agent": (0o750, SERVICE_UID, ADM_GID, stat.S_ISDIR),
+        "var/log/overlord-agent": (0o2750, SERVICE_UID, ADM_GID, stat.S_ISDIR),
         "var/log/overlord-agent/audit.jsonl": (0o640, SERVICE_UID, ADM_GID, stat.S_ISREG),
         "srv/overlord": (0o750, 0, SERVICE_UID, stat.S_ISDIR),
         "srv/overlord/claude": (0o700, SERVICE_UID, SERVICE_UID, stat.S_ISDIR),
@@ -290,7 +290,7 @@ def rotate_conf(tmp_path: Path) -> tuple[Path, Path]:
     (logrotate refuses unknown users, and only root may switch to another); returns (config, log path)."""
     text = LOGROTATE.read_text()
     audit = str(Settings.model_fields["audit_log"].default)
-    for needle in (audit, "su overlord adm", "create 0640 overlord adm"):
+    for needle in (audit, "su overlord adm", "nocreate"):
         assert needle in text, f"{LOGROTATE.name} no longer contains {needle!r}"
     me, my_group = pwd.getpwuid(os.getuid()).pw_name, grp.getgrgid(os.getgid()).gr_name
     log = tmp_path / "audit.jsonl"
@@ -330,6 +330,7 @@ def test_plain_rotation_loses_no_audit_line(logrotate: str, rotate_conf: tuple[P
             time.sleep(0.001)
 
     thread = threading.Thread(target=writer)
+    umask = os.umask(0o077)  # the units' UMask=
     thread.start()
     try:
         wait_for(200)
@@ -338,9 +339,12 @@ def test_plain_rotation_loses_no_audit_line(logrotate: str, rotate_conf: tuple[P
     finally:
         stop.set()
         thread.join(30)
+        os.umask(umask)
     assert done.returncode == 0, done.stdout + done.stderr
 
     rotated = [p for p in conf.parent.iterdir() if p.name.startswith("audit.jsonl-")]
+    # Exactly one: with logrotate's own `create`, a line that created the file between its rename and its
+    # create made it move that file aside too (`audit.jsonl-<date>.backup`, lines out of order).
     assert len(rotated) == 1, sorted(p.name for p in conf.parent.iterdir())
     assert not rotated[0].name.endswith(".gz"), "delaycompress: the newest rotated file stays uncompressed"
     before, after = rotated[0].read_text().splitlines(), log.read_text().splitlines()
@@ -348,6 +352,25 @@ def test_plain_rotation_loses_no_audit_line(logrotate: str, rotate_conf: tuple[P
     seen = [json.loads(line)["n"] for line in before + after]
     assert seen == list(range(written)), "lines lost, duplicated or reordered across the rotation"
     assert stat.S_IMODE(log.stat().st_mode) == 0o640
+
+
+def test_audit_writer_creates_the_log_0640_in_the_directorys_group_whatever_the_umask(tmp_path: Path) -> None:
+    """After a rotation (`nocreate`) the next line creates the file: readable by group adm, as tmpfiles made it."""
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    # A group other than the writer's own (root may pick any; others need a supplementary group).
+    groups = [4242] if os.geteuid() == 0 else [g for g in os.getgroups() if g != os.getgid()]
+    assert groups, "needs root or a supplementary group to tell the directory's group from the writer's"
+    os.chown(log_dir, -1, groups[0])
+    log_dir.chmod(0o2750)
+    umask = os.umask(0o077)
+    try:
+        AuditLog(log_dir / "audit.jsonl").write("probe", n=0)
+    finally:
+        os.umask(umask)
+    st = (log_dir / "audit.jsonl").stat()
+    assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o640, groups[0])
+    assert json.loads((log_dir / "audit.jsonl").read_text())["n"] == 0
 
 
 # --- the env file example -----------------------------------------------------------------------
