@@ -112,6 +112,20 @@ def test_claude_failures_become_clear_errors(
     client.close()
 
 
+def test_claude_not_installed_on_the_worker_fails_the_job_with_a_message_for_the_operator(
+    make_settings: SettingsFactory, rconn: redis.Redis, stack: Stack, pid_dir: Path
+) -> None:
+    s = make_settings(claude_bin="claude-not-installed-here")
+    client = Client(stack(settings_=s), make_cookie("alice"))
+    session = client.new_session()
+    body = client.wait_done(client.ask(session, "hello"))
+    assert body["status"] == "failed" and body["error"]["code"] == "claude_error", body
+    assert "claude-not-installed-here" in body["error"]["message"] and "not installed" in body["error"]["message"]
+    assert terminal_events(s.audit_log, body["job_id"]) == ["ask_error"]
+    assert_no_leftovers(rconn, "alice", session, pid_dir)
+    client.close()
+
+
 def test_claude_hanging_past_the_timeout_is_killed(
     make_settings: SettingsFactory, rconn: redis.Redis, stack: Stack, pid_dir: Path
 ) -> None:
