@@ -8,10 +8,12 @@ from http.cookiejar import CookieJar, DefaultCookiePolicy
 import httpx
 import redis.asyncio as aioredis
 from redis import Redis as SyncRedis
+from redis.commands.core import AsyncScript
 from rq import Queue
 from rq.serializers import JSONSerializer
 
 from api.auth import Authenticator, build_authenticator
+from api.enqueue import ENQUEUE_NEW_LUA
 from shared.admission import AsyncAdmission
 from shared.audit import AuditLog
 from shared.keys import Keys
@@ -29,6 +31,8 @@ class AppContext:
     audit: AuditLog
     auth: Authenticator
     keys: Keys
+    enqueue_new: AsyncScript  # api/enqueue.py
+
 
     @classmethod
     def open(cls, settings: Settings) -> AppContext:
@@ -47,6 +51,7 @@ class AppContext:
             audit=AuditLog(settings.audit_log),
             auth=build_authenticator(settings, http, client),
             keys=Keys(settings.key_prefix),
+            enqueue_new=client.register_script(ENQUEUE_NEW_LUA),
         )
 
     async def close(self) -> None:

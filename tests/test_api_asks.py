@@ -20,6 +20,7 @@ import pytest
 import redis
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from rq.exceptions import DuplicateJobError
 
 from api.main import create_app
 from shared.audit import MESSAGE_PREVIEW_CHARS
@@ -317,6 +318,22 @@ def test_enqueue_failing_with_any_error_refunds_the_admission(
     with pytest.raises(ValueError):
         ask(client, "alice", session_id)
     assert all_keys(rconn) == {K.session_owner(session_id)}
+
+
+def test_a_job_id_that_exists_is_never_enqueued_again_and_the_admission_is_refunded(
+    client: TestClient, rconn: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What RQ's unique=True guarantees: a second enqueue of one job id writes nothing (it would run twice)."""
+    taken, alice_session, bob_session = uuid.uuid4(), str(uuid.uuid4()), str(uuid.uuid4())
+    monkeypatch.setattr(uuid, "uuid4", lambda: taken)
+    first = ask(client, "alice", alice_session, message="the first")
+    assert first.status_code == 202 and first.json()["job_id"] == str(taken)
+    before = {key: rconn.dump(key) for key in rconn.scan_iter(f"rq:job:{taken}*")}
+    with pytest.raises(DuplicateJobError):
+        ask(client, "bob", bob_session, message="the second")
+    assert {key: rconn.dump(key) for key in rconn.scan_iter(f"rq:job:{taken}*")} == before
+    assert rconn.lrange(QUEUE, 0, -1) == [str(taken).encode()]
+    assert not rconn.exists(K.rate("bob"), K.leases("bob"), K.session_lock(bob_session))
 
 
 def test_bodies_over_the_limit_are_413_before_being_read(client: TestClient, rconn: redis.Redis) -> None:

@@ -10,7 +10,6 @@ from typing import Annotated
 import anyio
 import redis
 from fastapi import APIRouter, Query, Response
-from rq.callbacks import Callback
 from rq.command import send_stop_job_command
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
@@ -18,6 +17,7 @@ from rq.serializers import JSONSerializer
 
 from api.context import AppContext
 from api.deps import ContextDep, CurrentUser, OriginGuard
+from api.enqueue import enqueue_ask
 from api.jobview import read_view, wait_view
 from shared.admission import LeaseRef
 from shared.audit import MESSAGE_PREVIEW_CHARS, preview
@@ -62,7 +62,7 @@ async def ask(body: AskRequest, response: Response, ctx: ContextDep, user: Curre
                             retry_after_s=refusal.retry_after_s, blocking_job_id=refusal.extra.get("job_id"))
         raise
     try:
-        enqueue(ctx, ref, body.message)
+        await enqueue_ask(ctx, ref, body.message)
     except Exception as exc:
         await ctx.admission.release(ref, refund=True)  # nothing was queued: give the slot and the ask back
         if isinstance(exc, redis.RedisError):
@@ -75,33 +75,15 @@ async def ask(body: AskRequest, response: Response, ctx: ContextDep, user: Curre
     return AskAccepted(job_id=ref.job_id, session_id=session_id, position=position)
 
 
-def enqueue(ctx: AppContext, ref: LeaseRef, message: str) -> Job:
-    s = ctx.settings
-    return ctx.queue.enqueue(
-        "worker.jobs.run_ask",
-        kwargs={"user": ref.user, "session_id": ref.session_id, "message": message},
-        job_id=ref.job_id,
-        unique=True,
-        job_timeout=s.rq_job_timeout_s,
-        ttl=s.queue_ttl_s,
-        result_ttl=s.result_ttl_s,
-        failure_ttl=s.failure_ttl_s,
-        meta={"user": ref.user, "session_id": ref.session_id, "admitted_at": time.time()},
-        on_failure=Callback("worker.jobs.on_failure"),
-        on_stopped=Callback("worker.jobs.on_stopped"),
-        description=f"ask by {ref.user}",
-    )
-
-
 @router.get("/jobs/{job_id}", response_model=JobView, response_model_exclude_none=True)
 async def get_job(
     job_id: str, ctx: ContextDep, user: CurrentUser,
     wait: Annotated[float, Query(ge=0, le=25, description="long-poll up to this many seconds")] = 0,
-) -> JobView:
+) -> Response:
     job_id = _valid_job_id(job_id)
-    if wait > 0:
-        return await wait_view(ctx, job_id, user, wait)
-    return await read_view(ctx, job_id, user)
+    view = await (wait_view(ctx, job_id, user, wait) if wait > 0 else read_view(ctx, job_id, user))
+    # The view is already a validated JobView: serialise it once (response_model stays for the schema).
+    return Response(view.model_dump_json(exclude_none=True), media_type="application/json")
 
 
 @router.delete("/jobs/{job_id}", response_model=JobView, response_model_exclude_none=True,
