@@ -33,7 +33,6 @@ class AppContext:
     keys: Keys
     enqueue_new: AsyncScript  # api/enqueue.py
 
-
     @classmethod
     def open(cls, settings: Settings) -> AppContext:
         client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)

@@ -39,8 +39,8 @@ def spawn_options(cmd: list[str], path: str) -> tuple[list[str], dict[str, Any]]
     """How to start claude so that it dies with the work-horse.
 
     util-linux's `setpriv --pdeathsig KILL` sets the same PR_SET_PDEATHSIG as `die_with_parent` and then
-    execs claude (the setting survives exec). Any `preexec_fn` makes subprocess fork the whole 60 MB
-    horse instead of vfork-ing: 5-9 ms per start against under 2 ms through setpriv (bench/RESULTS.md).
+    execs claude (the setting survives exec). Any `preexec_fn` makes subprocess fork the whole horse
+    instead of vfork-ing: 5.3 ms per start against 0.3 ms through setpriv (bench/RESULTS.md, Components).
     Without setpriv on the host, fall back to `preexec_fn`.
     """
     setpriv = shutil.which("setpriv", path=path)
